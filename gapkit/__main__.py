@@ -1,0 +1,5 @@
+"""``python -m gapkit`` runs the CLI (also under ``torchrun -m gapkit``)."""
+
+from .cli import main
+
+main()
