@@ -364,8 +364,9 @@ class PairedDataset:
         try:
             with Image.open(source) as im:
                 im.load()
-                img = ImageOps.exif_transpose(im)  # a copy, rotated when EXIF says so
-            return to_rgb(img)
+                if "exif" in im.info or im.format in ("TIFF", "MPO"):  # rotate as EXIF says
+                    ImageOps.exif_transpose(im, in_place=True)
+            return to_rgb(im)
         except FileNotFoundError as err:
             raise self._error(rec, i, where, "missing", "image file is missing") from err
         except IsADirectoryError as err:
@@ -704,7 +705,9 @@ def _group_table(
             except (KeyError, IndexError, ValueError) as err:
                 raise GapkitError(f"image template {template!r} does not apply to this row ({err})", path=table, row=line) from err
         rel = _inside(root, value, table, line)
-        extra = {k: v for k, v in row.items() if k not in (image_col, text_col)}
+        # the image column is the id (image_id) unless a template built the path from it
+        skip = (text_col,) if template is not None else (image_col, text_col)
+        extra = {k: v for k, v in row.items() if k not in skip}
         if label_col is not None:
             extra["label"] = row.get(label_col)
         texts = _texts_of(row.get(text_col))
