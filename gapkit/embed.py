@@ -217,6 +217,9 @@ def embed(
     text_column: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    columns: Sequence[str] | str | None = None,
+    image_template: str | None = None,
+    image_root: str | os.PathLike[str] | None = None,
     reporter: Reporter | None = None,
 ) -> EmbedResult:
     """Embed every image and caption of ``data`` (a dataset path or a PairedDataset) into the
@@ -268,7 +271,8 @@ def embed(
             text_pooling=text_pooling, tokenizer=tokenizer, encoders=encoders, heads=heads,
             batch_size=batch_size, workers=workers, shard_size=shard_size, limit=limit, on_error=on_error,
             dtype=dtype, overwrite=overwrite, format=format, text_column=text_column,
-            image_column=image_column, label_column=label_column))
+            image_column=image_column, label_column=label_column, columns=columns,
+            image_template=image_template, image_root=image_root))
     finally:
         group.close()
 
@@ -291,7 +295,8 @@ def _run(data: Any, out: Path, group: _Group, dev: torch.device, precision: str,
         from .datasets import open_dataset
 
         ds = open_dataset(data, format=o["format"], text_column=o["text_column"], image_column=o["image_column"],
-                          label_column=o["label_column"], limit=o["limit"], reporter=reporter)
+                          label_column=o["label_column"], limit=o["limit"], columns=o["columns"],
+                          image_template=o["image_template"], image_root=o["image_root"], reporter=reporter)
     else:
         ds = data
         if o["limit"] is not None and len(ds) > o["limit"]:

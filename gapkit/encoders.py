@@ -49,6 +49,7 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model", "merges.txt")
 _IMAGE_POOLINGS = ("auto", "pooler", "cls", "mean")
 _TEXT_POOLINGS = ("auto", "cls", "mean", "pooler")
 
@@ -629,14 +630,22 @@ def _hf_tokenizer(spec: str, local: Path, is_dir: bool, text_cfg: Any, tokenizer
     from transformers import AutoTokenizer
 
     source = tokenizer or spec
+    where = "the tokenizer folder" if tokenizer else "the model folder"
+    src = Path(source)
+    if src.is_dir() and not any(src.glob(g) for g in _TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer (every word unknown) from config.json alone
+        raise GapkitError(f"no tokenizer files in {where} (tokenizer.json, vocab.txt, ...); pass one with --tokenizer",
+                          path=source)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        where = "the tokenizer folder" if tokenizer else "the model folder"
         raise GapkitError(
             f"no usable tokenizer in {where} ({msg}){_offline_hint()}; pass one with --tokenizer", path=source
         ) from err
+    if len(tok) < 100:
+        raise GapkitError(f"the tokenizer in {where} has only {len(tok)} tokens; pass a real one with --tokenizer",
+                          path=source)
     limits = [int(tok.model_max_length)] if 0 < int(min(tok.model_max_length, 1 << 30)) < (1 << 30) else []
     pos = getattr(text_cfg, "max_position_embeddings", None)
     if pos:

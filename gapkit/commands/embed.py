@@ -42,6 +42,9 @@ def register(app: typer.Typer) -> None:
         text_column: Optional[str] = typer.Option(None, "--text-column", help="Caption column (imagefolder, manifest)."),
         image_column: Optional[str] = typer.Option(None, "--image-column", help="Image path column (manifest)."),
         label_column: Optional[str] = typer.Option(None, "--label-column", help="Column copied as the label."),
+        columns: Optional[str] = typer.Option(None, "--columns", help="Manifest without a header: comma-separated column names (ROCO: id,caption)."),
+        image_template: Optional[str] = typer.Option(None, "--image-template", help="Manifest: image path from the image column's value, e.g. 'images/{}.jpg'."),
+        image_root: Optional[Path] = typer.Option(None, "--image-root", help="Manifest: folder image paths are relative to (default: the manifest's folder)."),
         as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notes."),
     ) -> None:
@@ -59,7 +62,8 @@ def register(app: typer.Typer) -> None:
             text_pooling=text_pooling, tokenizer=tokenizer, heads=heads, device=device, precision=precision,
             batch_size=batch_size, workers=workers, shard_size=shard_size, limit=limit, on_error=on_error,
             dtype=dtype, overwrite=overwrite, format=format, text_column=text_column, image_column=image_column,
-            label_column=label_column, reporter=reporter,
+            label_column=label_column, columns=columns, image_template=image_template, image_root=image_root,
+            reporter=reporter,
         )
         if rank != 0:
             return
