@@ -345,7 +345,7 @@ class PairedDataset:
         except IsADirectoryError as err:
             raise self._error(rec, i, where, "undecodable", "is a folder, not an image file") from err
         except _TruncatedMember as err:
-            raise self._error(rec, i, where, "truncated", f"truncated image ({err})") from err
+            raise self._error(rec, i, where, "truncated", f"truncated image: {err}") from err
         except OSError as err:
             raise self._error(rec, i, where, "undecodable", f"cannot read ({err.strerror or err})") from err
 
@@ -374,18 +374,18 @@ class PairedDataset:
         except UnidentifiedImageError as err:
             raise self._error(rec, i, where, "undecodable", "not an image Pillow can decode") from err
         except Image.DecompressionBombError as err:
-            raise self._error(rec, i, where, "undecodable", f"image too large ({err})") from err
+            raise self._error(rec, i, where, "undecodable", f"image too large: {err}") from err
         except GapkitError as err:
             raise self._error(rec, i, where, "undecodable", err.message) from err
         except (OSError, SyntaxError, ValueError, EOFError, IndexError) as err:
             text = str(err)
             if "truncated" in text.lower() or isinstance(err, EOFError):
-                raise self._error(rec, i, where, "truncated", f"truncated image ({text})") from err
-            raise self._error(rec, i, where, "undecodable", f"cannot decode image ({text or type(err).__name__})") from err
+                raise self._error(rec, i, where, "truncated", f"truncated image: {text}") from err
+            raise self._error(rec, i, where, "undecodable", f"cannot decode image: {text or type(err).__name__}") from err
 
     def _error(self, rec: ImageRecord, i: int, where: str, reason: str, what: str) -> ImageLoadError:
         return ImageLoadError(
-            f"{what} ({self._origin(rec, i)})", path=where, reason=reason, index=i, image_id=rec.image_id
+            f"{what}; {self._origin(rec, i)}", path=where, reason=reason, index=i, image_id=rec.image_id
         )
 
     def _handle(self, shard: int) -> Any:
