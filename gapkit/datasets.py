@@ -468,7 +468,13 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if p.is_file():
         if _is_tar_name(p.name):
             return "webdataset"
-        return "manifest"
+        if p.suffix.lower() in _MANIFEST_SUFFIXES:
+            return "manifest"
+        raise GapkitError(
+            f"not a dataset file gapkit knows (a manifest {', '.join(_MANIFEST_SUFFIXES)}, or a .tar shard); "
+            "--format manifest reads it as CSV/TSV",
+            path=spec,
+        )
     if any((p / m).is_file() for m in _METADATA_FILES):
         return "imagefolder"
     if _first_sidecar_pair(p) is not None:

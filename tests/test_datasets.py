@@ -561,6 +561,9 @@ def test_detection_errors(tmp_path: Path) -> None:
     assert "metadata.jsonl" in msg and ".txt caption" in msg and ".tar" in msg
     with pytest.raises(GapkitError, match="no such file or folder"):
         open_dataset(tmp_path / "nothing-here")
+    (tmp_path / "pairs.parquet").write_bytes(b"PAR1\x00\x01")
+    with pytest.raises(GapkitError, match="not a dataset file"):
+        open_dataset(tmp_path / "pairs.parquet")
     with pytest.raises(GapkitError, match="imagefolder"):
         open_dataset(tmp_path / "empty", format="imagefolder")
     with pytest.raises(GapkitError, match="no image-text pairs"):
