@@ -13,11 +13,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import GapkitError
+from .metrics import MeasureResult, measure
 from .store import EmbeddingSet, load_embeddings, open_set, write_set
 
 __all__ = [
     "__version__",
     "GapkitError",
+    "MeasureResult",
+    "measure",
     "EmbeddingSet",
     "load_embeddings",
     "open_set",

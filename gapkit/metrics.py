@@ -71,9 +71,6 @@ UNIFORMITY_EXACT_MAX = 10_000
 LINSEP_MAX = 5_000
 #: label clustering (vmeasure, nmi, ari) uses at most this many pairs (seeded subsample)
 LABELS_MAX = 10_000
-#: a retrieval candidate outranks the true match only when its cosine is higher by more than
-#: this (float32 round-off; exact ties count for the true match)
-RETRIEVAL_TOL = 1e-5
 #: rows per block of the streaming pass
 STREAM_CHUNK = 4096
 #: bytes of one retrieval score block (rows x gallery x 4)
@@ -409,7 +406,7 @@ def recall_at_k(
     i2t_R@K = fraction of images (with at least one caption) for which some caption of the image
     is among the K texts of highest cosine; t2i_R@K = fraction of texts whose image is among the
     K images of highest cosine. Rank of the true match = number of candidates whose cosine beats
-    it by more than RETRIEVAL_TOL; a hit at K is a rank below K. Never builds an N×N matrix.
+    it (ties count for the true match); a hit at K is a rank below K. Never builds an N×N matrix.
     """
     im = _as_2d(images, "images")
     tx = _as_2d(texts, "texts")
@@ -557,7 +554,7 @@ def measure(
     bootstrap = int(bootstrap)
     if bootstrap < 0:
         raise GapkitError("bootstrap must be >= 0")
-    chunk = max(256, int(chunk))
+    chunk = max(1, int(chunk))
     sides = _Sides(im, tx, rows, (im_name, tx_name))
     res = MeasureResult(
         values={}, n_images=sides.n_images, n_texts=sides.n_texts, dim=int(im.shape[1]),
@@ -709,20 +706,21 @@ def _retrieval(
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], np.ndarray]:
     """Hits per image (i2t) and per text (t2i) at each K, one score block at a time.
 
-    Each block S = X[a:b] Yᵀ serves both directions: its rows give i2t (top-K values of the row
-    against the best caption's cosine) and its columns add to the count, per text, of images that
-    beat the text's own image; t2i hit at K = count < K.
+    Each block S = X[a:b] Yᵀ serves both directions. Rows: the image's threshold is the best
+    cosine among its captions, taken from the block itself; hit at K when the K-th largest score
+    of the row is not above it. Columns: per text, count the images whose cosine is above the
+    text's true-pair cosine (its own image's entry, from the block, is never counted); hit at K
+    when the count is below K. Ties count for the true match.
     """
     import torch
 
     n_img, n_txt = sides.n_images, sides.n_texts
     kmax = max(ks)
     y = torch.from_numpy(gallery)
-    thr_t = torch.from_numpy(s_true.astype(np.float32) + np.float32(RETRIEVAL_TOL))
-    best = np.full(n_img, -np.inf, dtype=np.float32)
-    np.maximum.at(best, sides.image_row, s_true)
+    thr_t = torch.from_numpy(np.ascontiguousarray(s_true, dtype=np.float32))
+    order = np.argsort(sides.image_row, kind="stable")
+    sorted_rows = sides.image_row[order]
     has_caption = sides.captions > 0
-    thr_i = torch.from_numpy(best + np.float32(RETRIEVAL_TOL))
     count_t = torch.zeros(n_txt, dtype=torch.int32)
     hits_i = {k: np.zeros(n_img, dtype=bool) for k in ks}
     step = int(max(16, min(4096, RETRIEVAL_BLOCK_BYTES // (4 * n_txt))))
@@ -732,17 +730,23 @@ def _retrieval(
             xb = torch.from_numpy(_normalize_block(_read(sides.images, slice(s, s + step)), sides.im_name, s))
             scores = xb @ y.T
             b = scores.shape[0]
+            lo, hi = np.searchsorted(sorted_rows, [s, s + b])
+            js = torch.from_numpy(order[lo:hi])
+            rr = torch.from_numpy(sorted_rows[lo:hi] - s)
+            own = scores[rr, js]  # true-pair cosines, as this very matmul computed them
+            thr_i = torch.full((b,), -float("inf")).scatter_reduce_(0, rr, own, reduce="amax")
             kk = min(kmax, n_txt)
             top = scores.topk(kk, dim=1, sorted=True).values
             for k in ks:
                 if k > n_txt:
                     hits_i[k][s : s + b] = True
                 else:  # count(S > thr) < K  <=>  K-th largest <= thr
-                    hits_i[k][s : s + b] = (top[:, k - 1] <= thr_i[s : s + b]).numpy()
+                    hits_i[k][s : s + b] = (top[:, k - 1] <= thr_i).numpy()
             if buf is None or buf.shape[0] != b:
                 buf = torch.empty((b, n_txt), dtype=torch.bool)
             torch.gt(scores, thr_t, out=buf)
             count_t += buf.sum(0, dtype=torch.int32)
+            count_t.index_add_(0, js, -(own > thr_t[js]).to(torch.int32))  # never count the own image
             task.advance(b)
     cnt = count_t.numpy()
     hits_t = {k: cnt < k for k in ks}
