@@ -92,7 +92,7 @@ class RichReporter(Reporter):
 
 def fail(message: str, code: int = 2) -> None:
     """Print one error line on stderr and exit with ``code``."""
-    stderr.print(f"error: {message}", style="bold red", highlight=False, markup=False)
+    stderr.print(f"error: {message}", style="bold red", highlight=False, markup=False, soft_wrap=True)
     raise SystemExit(code)
 
 

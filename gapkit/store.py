@@ -234,6 +234,13 @@ def check_block(block: np.ndarray, name: str, start: int = 0) -> np.ndarray:
 
 def _load_npy(path: Path, mmap: bool = True) -> np.ndarray:
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as err:
+        raise GapkitError(f"cannot read .npy file ({err.strerror or err})", path=path) from err
+    if magic != b"\x93NUMPY":  # np.load would try to unpickle it
+        raise GapkitError("not a .npy file (no NumPy header)", path=path)
+    try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as err:
         if "pickle" in str(err).lower():
