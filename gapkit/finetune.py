@@ -93,7 +93,8 @@ class TrainConfig:
     ``patience`` epochs without improvement (0: never stop early; the best epoch is still the one
     kept). ``"val_loss"`` (default) is the training objective on the validation pairs; any key of
     metrics.jsonl works (``val_gap``, ``val_i2t_R@10``, ``val_rsum`` = sum of the six recalls,
-    ...); loss, gap and l2 metrics are minimised, the others maximised.
+    ...); loss, gap and l2 metrics are minimised, the others maximised (``min:``/``max:`` prefix
+    to say it explicitly).
     """
 
     loss: str = "clip+atp+cu"
@@ -214,84 +215,26 @@ def split_pairs(
     return np.sort(tr), np.sort(va)
 
 
-def _unit(a: Tensor) -> Tensor:
-    return torch.nn.functional.normalize(a.float(), dim=1)
-
-
-def _fallback_metrics(images: Tensor, texts: Tensor, image_row: Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """gap, cos_true_pairs and R@K in chunks (used until gapkit.metrics is available).
-
-    gap = ‖mean_i x̂_i − mean_j ŷ_j‖ (Liang et al. 2022; images counted once each);
-    cos_true_pairs = mean_j ⟨x̂_{row(j)}, ŷ_j⟩; i2t R@K: fraction of images with any of their
-    captions among the K most similar texts; t2i R@K: fraction of texts whose image is among the
-    K most similar images (CLIP_benchmark convention).
-    """
-    x, y = _unit(images), _unit(texts)
-    out: dict[str, float] = {
-        "gap": float((x.mean(0) - y.mean(0)).norm()),
-        "cos_true_pairs": float((x[image_row] * y).sum(1).mean()),
-    }
-    kmax = max(ks)
-    n_im, n_tx = x.shape[0], y.shape[0]
-    i2t = {k: 0 for k in ks}
-    t2i = {k: 0 for k in ks}
-    chunk = 1024
-    for s in range(0, n_im, chunk):
-        sim = x[s : s + chunk] @ y.T  # (c, n_tx)
-        top = sim.topk(min(kmax, n_tx), dim=1).indices  # text indices
-        hit_img = image_row[top] == torch.arange(s, s + sim.shape[0], device=x.device).unsqueeze(1)
-        for k in ks:
-            i2t[k] += int(hit_img[:, :k].any(1).sum())
-    for s in range(0, n_tx, chunk):
-        sim = y[s : s + chunk] @ x.T
-        top = sim.topk(min(kmax, n_im), dim=1).indices
-        hit = top == image_row[s : s + sim.shape[0]].unsqueeze(1)
-        for k in ks:
-            t2i[k] += int(hit[:, :k].any(1).sum())
-    for k in ks:
-        out[f"i2t_R@{k}"] = i2t[k] / n_im
-    for k in ks:
-        out[f"t2i_R@{k}"] = t2i[k] / n_tx
-    return out
-
-
 def validation_metrics(
     images: Tensor | np.ndarray,
     texts: Tensor | np.ndarray,
     image_row: Tensor | np.ndarray | None = None,
-    ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
-    """gap, cos_true_pairs, i2t_R@K and t2i_R@K (K in ``ks``) and rsum of a (projected) set.
+    """gap, cos_true_pairs, i2t_R@K and t2i_R@K (K = 1, 5, 10) and rsum of a (projected) set.
 
-    Formulas are those of DESIGN.md (computed by ``gapkit.metrics`` when it is installed, else by
-    an equivalent chunked torch implementation). ``rsum`` is the sum of the recalls (×1, in [0, 6]
-    for three K), a single retrieval figure for early stopping.
+    Computed by :func:`gapkit.metrics.measure` (formulas in DESIGN.md: gap = ‖mean_i x̂_i −
+    mean_j ŷ_j‖, Liang et al. 2022; cos_true_pairs = mean_j ⟨x̂_{row(j)}, ŷ_j⟩; recall in the
+    CLIP_benchmark convention). ``rsum`` = the sum of the six recalls (in [0, 6]), one retrieval
+    figure for early stopping (the usual "rsum" of retrieval papers, as fractions).
     """
-    im = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images).float()
-    tx = torch.as_tensor(np.asarray(texts) if not isinstance(texts, Tensor) else texts).float()
-    rows = (
-        torch.arange(tx.shape[0])
-        if image_row is None
-        else torch.as_tensor(np.asarray(image_row) if not isinstance(image_row, Tensor) else image_row).long()
-    )
-    rows = rows.to(im.device)
-    out = None
-    try:
-        from . import metrics as _m  # type: ignore[attr-defined]
+    from .metrics import measure
 
-        res = _m.measure(
-            im.cpu().numpy(),
-            tx.cpu().numpy(),
-            image_row=rows.cpu().numpy(),
-            metrics=["gap", "cos_true_pairs"] + [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in ks],
-        )
-        d = res.to_dict() if hasattr(res, "to_dict") else dict(res)
-        out = {k: float(d[k]) for k in ["gap", "cos_true_pairs"] + [f"{a}_R@{k}" for a in ("i2t", "t2i") for k in ks]}
-    except Exception:  # not built yet, or a different signature: use the local implementation
-        out = None
-    if out is None:
-        with torch.no_grad():
-            out = _fallback_metrics(im, tx, rows, ks)
+    def arr(a: Any) -> np.ndarray:
+        return a.detach().float().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a, dtype=np.float32)
+
+    rows = None if image_row is None else arr(image_row).astype(np.int64)
+    res = measure(arr(images), arr(texts), image_row=rows, metrics=list(VAL_METRICS))
+    out = {k: float(res[k]) for k in VAL_METRICS}
     out["rsum"] = sum(v for k, v in out.items() if "_R@" in k)
     return out
 
@@ -461,10 +404,13 @@ class EarlyStopping:
     """Tracks the best value of one metric; ``stop`` once ``patience`` epochs pass without a gain.
 
     Direction: minimise metrics whose name contains ``loss``, ``gap``, ``l2`` or ``rmg``,
-    maximise the others. ``patience`` 0 never stops (the best epoch is still tracked).
+    maximise the others; ``"min:NAME"`` / ``"max:NAME"`` say it explicitly. ``patience`` 0 never
+    stops (the best epoch is still tracked).
     """
 
     def __init__(self, metric: str = "val_loss", patience: int = 5, mode: str | None = None) -> None:
+        if mode is None and metric[:4] in ("min:", "max:"):
+            mode, metric = metric[:3], metric[4:]
         self.metric = metric
         self.patience = int(patience)
         low = metric.lower()
