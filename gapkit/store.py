@@ -746,8 +746,13 @@ class ShardWriter:
         n_im = n_tx = 0
         d_im = d_tx = None
         for k in range(self.n_shards):  # first pass: shapes only (npz headers)
-            with np.load(self.shard_path(k), allow_pickle=False) as z:
-                a, b = z["images"], z["texts"]
+            try:
+                with np.load(self.shard_path(k), allow_pickle=False) as z:
+                    a, b = z["images"], z["texts"]
+            except Exception as err:
+                raise GapkitError(
+                    f"unreadable shard ({err}); delete it to recompute it", path=self.shard_path(k)
+                ) from err
             n_im += a.shape[0]
             n_tx += b.shape[0]
             if a.shape[0]:
