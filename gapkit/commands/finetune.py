@@ -84,8 +84,10 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("auto", "--precision", help="End to end: auto, fp32, bf16, fp16."),
         workers: int = typer.Option(0, "--workers"),
         split: Optional[str] = typer.Option(None, "--split", help="End to end: dataset split."),
-        image_column: Optional[str] = typer.Option(None, "--image-column"),
-        text_column: Optional[str] = typer.Option(None, "--text-column"),
+        image_column: Optional[str] = typer.Option(None, "--image-column", help="End to end: the dataset's image column."),
+        text_column: Optional[str] = typer.Option(None, "--text-column", help="End to end: the dataset's caption column."),
+        label_column: Optional[str] = typer.Option(None, "--label-column", help="End to end: copy this column into the label."),
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="End to end: tokenizer of a separate text tower."),
         limit: Optional[int] = typer.Option(None, "--limit", help="End to end: use at most N pairs."),
     ) -> None:
         """Close the modality gap: train heads on embeddings (default) or the encoders end to end.
@@ -139,17 +141,21 @@ def register(app: typer.Typer) -> None:
                     "embed the dataset with `gapkit embed` and fine-tune heads on the embeddings"
                 )
             options = {"split": split, "image_column": image_column, "text_column": text_column,
-                       "limit": limit, "val": val}
+                       "label_column": label_column, "limit": limit, "val": val}
             result = finetune_end_to_end(
                 data, out, config, model=model, image_model=image_model, text_model=text_model,
                 image_pooling=image_pooling, text_pooling=text_pooling,
                 dataset_options={k: v for k, v in options.items() if v is not None},
-                unlock_last=unlock_last, freeze=freeze, grad_accum=grad_accum, precision=precision,
-                workers=workers, resume=resume, reporter=reporter,
+                tokenizer=tokenizer, unlock_last=unlock_last, freeze=freeze, grad_accum=grad_accum,
+                precision=precision, workers=workers, resume=resume, overwrite=overwrite, reporter=reporter,
             )
+            doc = result.to_dict() if hasattr(result, "to_dict") else dict(result or {})
             if json_out:
-                doc = result.to_dict() if hasattr(result, "to_dict") else result
                 stdout.print_json(json.dumps(doc, default=str))
+            elif doc.get("after"):
+                title = f"validation pairs (end to end): {config.loss}, best epoch {doc.get('best_epoch')}"
+                stdout.print(_table([(doc.get("before_label", "before"), doc.get("before", {})),
+                                     (f"after ({config.loss})", doc["after"])], title))
             return
 
         assert emb is not None
