@@ -453,11 +453,12 @@ def _compute(ds: Any, enc: Encoders, head_mod: Any, writer: ShardWriter, todo: S
                             raise GapkitError(f"empty caption {k} of image {rec.image_id!r} (record {i})", path=ds.where(i))
                         acc["skipped"].append({"id": rec.image_id, "path": ds.where(i), "reason": f"empty caption {k}",
                                                "n_texts": 1})
-                if not good:
-                    if not skip:
-                        raise GapkitError(f"image {rec.image_id!r} has no caption (record {i})", path=ds.where(i))
-                    acc["skipped"].append({"id": rec.image_id, "path": ds.where(i), "reason": "no caption left",
-                                           "n_texts": 0})
+                if not good:  # every caption was skipped above, or there were none: no pair left
+                    if not rec.texts:
+                        if not skip:
+                            raise GapkitError(f"image {rec.image_id!r} has no caption (record {i})", path=ds.where(i))
+                        acc["skipped"].append({"id": rec.image_id, "path": ds.where(i), "reason": "no caption",
+                                               "n_texts": 0})
                     continue
                 row = len(acc["im_meta"])
                 keep_im.append(p)

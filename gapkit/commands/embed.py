@@ -75,5 +75,5 @@ def register(app: typer.Typer) -> None:
                 f"wrote {out}: {result.n_images} images, {result.n_texts} texts{skipped}; "
                 f"computed {len(result.computed_shards)} of {result.n_shards} shards here "
                 f"at {result.pairs_per_s:,.1f} pairs/s",
-                highlight=False, markup=False,
+                highlight=False, markup=False, soft_wrap=True,
             )
