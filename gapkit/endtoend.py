@@ -765,6 +765,8 @@ def finetune_end_to_end(
         raise GapkitError(f"--workers must be >= 0, not {workers}")
     if precision not in PRECISIONS:
         raise GapkitError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    image_pooling = image_pooling or "auto"
+    text_pooling = text_pooling or "auto"
     dist_info = _setup_dist(None if config.device in (None, "", "auto") else config.device)
     try:
         return _run(
@@ -823,8 +825,21 @@ def _run(
     prec = _resolve_precision(precision, device)
 
     # ---- data and split
-    ds = open_dataset(data, **dataset_options)
-    train_idx, val_idx = split_by_image(ds.records, config.val_fraction, group_by=config.group_by, seed=config.seed)
+    options = dict(dataset_options)
+    val_data = options.pop("val", None)
+    split_name = options.pop("split", None)
+    if split_name:
+        data = _split_folder(data, split_name)
+        if val_data:
+            val_data = _split_folder(val_data, split_name) if (Path(val_data) / split_name).is_dir() else val_data
+    ds = open_dataset(data, **options)
+    if val_data:
+        vds = open_dataset(val_data, **{k: v for k, v in options.items() if k != "limit"})
+        train_idx, val_idx = np.arange(len(ds)), np.arange(len(ds), len(ds) + len(vds))
+        ds = _Joined(ds, vds)
+    else:
+        train_idx, val_idx = split_by_image(ds.records, config.val_fraction, group_by=config.group_by,
+                                            seed=config.seed)
     has_val = len(val_idx) > 0
     batch = min(int(config.batch_size), len(train_idx))
     batch -= batch % world
@@ -908,6 +923,10 @@ def _run(
 
     data_info = {"dataset": ds.describe(), "encoders": enc.spec(), "run": str(out)}
     start_epoch, step, t_offset, stopped = 1, 0, 0.0, False
+    if resuming and _finished(out, config):
+        reporter.note(f"{out} is a finished run of {config.epochs} epochs; nothing to do")
+        dist_info.barrier()
+        return json.loads((out / RESULT_FILE).read_text()) if main else {}
     if resuming:
         state, extra = load_checkpoint(out / CHECKPOINT_FILE, modules={"model": net, "loss": loss_fn}, optimizer=opt)
         sched.load_state_dict(state["scheduler"])
@@ -1076,6 +1095,48 @@ def _run(
 
 
 BEST_FILE = "best.safetensors"
+
+
+def _finished(out: Path, config: Any) -> bool:
+    """True when RUN holds a complete run of at least ``config.epochs`` epochs (or one stopped early)."""
+    from safetensors import safe_open
+
+    from .finetune import CHECKPOINT_FILE, RESULT_FILE
+
+    if not all((out / f).is_file() for f in (RESULT_FILE, ENCODERS_WEIGHTS, "heads.json", CHECKPOINT_FILE)):
+        return False
+    try:
+        with safe_open(str(out / CHECKPOINT_FILE), framework="pt") as fh:
+            state = json.loads((fh.metadata() or {}).get("gapkit", "{}")).get("state", {})
+    except Exception:
+        return False
+    return bool(state.get("stopped")) or int(state.get("epoch", 0)) >= int(config.epochs)
+
+
+def _split_folder(data: str | os.PathLike[str], split: str) -> str:
+    """DATA/SPLIT (e.g. medpix/train): the folder of one split of a dataset."""
+    p = Path(data) / split
+    if not p.exists():
+        have = sorted(c.name for c in Path(data).iterdir() if c.is_dir()) if Path(data).is_dir() else []
+        raise GapkitError(f"no split {split!r} here (folders: {', '.join(have) or 'none'})", path=data)
+    return str(p)
+
+
+class _Joined:
+    """Two paired datasets as one (training images first, then the validation dataset's)."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+        self.records = list(a.records) + list(b.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, i: int) -> Any:
+        return self.a.load_image(i) if i < len(self.a) else self.b.load_image(i - len(self.a))
+
+    def describe(self) -> dict[str, Any]:
+        return {"train": self.a.describe(), "val": self.b.describe()}
 
 
 def _epoch_line(row: dict[str, Any]) -> str:
