@@ -274,13 +274,23 @@ def _stream_values(
     }
 
 
-def _pair_scalars(xb: np.ndarray, yb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """cos, angle in degrees and L2 distance of normalised row pairs."""
-    c = np.einsum("ij,ij->i", xb, yb)
-    cc = np.clip(c, -1.0, 1.0)
-    ang = np.degrees(np.arccos(cc))
+def _angle_l2(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Angle in degrees and L2 distance of unit row pairs with cosines ``c``."""
+    ang = np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
     l2 = np.sqrt(np.maximum(2.0 - 2.0 * c.astype(np.float64), 0.0))
-    return c, ang, l2
+    return ang, l2
+
+
+def _raw_inv(block: np.ndarray, name: str, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, 1/‖row‖) with the block checked (NaN/inf, all-zero) in the same pass.
+
+    ``rows * inv[:, None]`` are the normalised rows; sums of normalised rows are ``inv @ rows``
+    (one BLAS call, no normalised copy)."""
+    sq = np.einsum("ij,ij->i", block, block)
+    if not (np.isfinite(sq).all() and (sq > 0).all()):
+        nb = _normalize_block(block, name, start)  # raises, or rescues over/underflow
+        return nb, np.ones(len(nb), dtype=np.float32)
+    return block, (1.0 / np.sqrt(sq)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,10 +478,6 @@ class _Sides:
         self.one_to_one = self.n_images == self.n_texts and bool(np.array_equal(image_row, np.arange(self.n_texts)))
         self.captions = np.bincount(image_row, minlength=self.n_images)  # texts per image
 
-    def image_blocks(self, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
-        for s in range(0, self.n_images, chunk):
-            yield s, _normalize_block(_read(self.images, slice(s, s + chunk)), self.im_name, s)
-
     def pair_blocks(self, chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(start, normalised image of each text, normalised text) over the texts."""
         for s in range(0, self.n_texts, chunk):
@@ -572,23 +578,31 @@ def measure(
     per_pair = np.empty((sides.n_texts, 3), dtype=np.float32) if bootstrap else None
     gallery = np.empty((sides.n_texts, d), dtype=np.float32) if want_ret else None
     total = sides.n_texts + (0 if sides.one_to_one else sides.n_images)
+    rows = sides.image_row
     with reporter.task("measuring (streaming pass)", total=total, unit="rows") as task:
         if not sides.one_to_one:
-            for s, xb in sides.image_blocks(chunk):
-                sx += xb.sum(axis=0, dtype=np.float64)
+            for s in range(0, sides.n_images, chunk):
+                xb, ix = _raw_inv(_read(im, slice(s, s + chunk)), im_name, s)
+                sx += np.einsum("i,ij->j", ix, xb)
                 task.advance(len(xb))
-        for s, xb, yb in sides.pair_blocks(chunk):
+        for s in range(0, sides.n_texts, chunk):
+            yb, iy = _raw_inv(_read(tx, slice(s, s + chunk)), tx_name, s)
+            e = s + len(yb)
             if sides.one_to_one:
-                sx += xb.sum(axis=0, dtype=np.float64)
-            sy += yb.sum(axis=0, dtype=np.float64)
-            c, ang, l2 = _pair_scalars(xb, yb)
+                xb, ix = _raw_inv(_read(im, slice(s, e)), im_name, s)
+                sx += np.einsum("i,ij->j", ix, xb)
+                c = np.einsum("ij,ij->i", xb, yb) * ix * iy
+            else:
+                xb = _gather_normalized(im, rows[s:e], im_name)
+                c = np.einsum("ij,ij->i", xb, yb) * iy
+            sy += np.einsum("i,ij->j", iy, yb)
+            ang, l2 = _angle_l2(c)
             s_cos += float(c.sum(dtype=np.float64))
             s_ang += float(ang.sum(dtype=np.float64))
             s_l2 += float(l2.sum())
-            e = s + len(yb)
             if want_ret:
                 s_true[s:e] = c
-                gallery[s:e] = yb
+                np.multiply(yb, iy[:, None], out=gallery[s:e])
             if per_pair is not None:
                 per_pair[s:e, 0], per_pair[s:e, 1], per_pair[s:e, 2] = c, ang, l2
             task.advance(len(yb))
