@@ -399,6 +399,8 @@ def _compute(ds: Any, enc: Encoders, head_mod: Any, writer: ShardWriter, todo: S
             batches.append(idx[s: s + bs])
         last_batch_of[len(batches) - 1] = k
     workers = _default_workers() if o["workers"] is None else int(o["workers"])
+    if workers > 0:  # the tokenizers library warns (on stderr) when a process forks after using threads
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cuda = dev.type == "cuda"
     loader = DataLoader(
         _Images(ds, enc.image_transform),
