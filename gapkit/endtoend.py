@@ -823,6 +823,8 @@ def _run(
     world, main = dist_info.world, dist_info.main
     device = _pick_device(None if config.device in (None, "", "auto") else config.device, dist_info)
     prec = _resolve_precision(precision, device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
     # ---- data and split
     options = dict(dataset_options)

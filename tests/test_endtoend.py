@@ -23,7 +23,7 @@ from gapkit.errors import GapkitError
 from gapkit.finetune import TrainConfig, read_metrics
 from gapkit.progress import Reporter
 from gapkit.store import open_set
-from tests.tiny_models import tiny_hf_bert, tiny_hf_vit
+from tests.tiny_models import tiny_hf_bert, tiny_hf_clip, tiny_hf_vit
 
 #: a tiny open_clip ViT at 64 px (16 patches of 16 px), 2 blocks per tower
 TINY64 = {
@@ -132,31 +132,6 @@ def test_medpix_trains_resumes_and_closes_the_gap(medpix: Path, tmp_path: Path) 
     np.testing.assert_allclose(np.asarray(re.images)[rows_val], np.asarray(after.images), rtol=1e-4, atol=1e-4)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    data = _toy_dataset(tmp_path / "toy", n=24)
-    spec = _tiny_clip_spec(tmp_path, "gapkit-e2e-resume", TINY32)
-    cfg = TrainConfig(loss="clip+atp+cu", epochs=3, batch_size=8, lr=2e-3, val_fraction=0.25, seed=5, patience=0,
-                      schedule=True)
-    full = finetune_end_to_end(data, tmp_path / "full", cfg, model=spec)
-    with pytest.raises(KeyboardInterrupt):
-        finetune_end_to_end(data, tmp_path / "crash", cfg, model=spec, reporter=_Crash(after=1))
-    resumed = finetune_end_to_end(data, tmp_path / "crash", cfg, model=spec, resume=True)
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "crash")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    h1 = load_file(str(tmp_path / "full" / "heads.safetensors"))
-    h2 = load_file(str(tmp_path / "crash" / "heads.safetensors"))
-    for k in h1:
-        torch.testing.assert_close(h1[k], h2[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert resumed["after"] == pytest.approx(full["after"], abs=1e-5)
-    la = [r["train_loss"] for r in read_metrics(tmp_path / "full")[1:]]
-    lb = [r["train_loss"] for r in read_metrics(tmp_path / "crash")[1:]]
-    np.testing.assert_allclose(la, lb, rtol=1e-5)
-    # an untrained model differs: the comparison can fail
-    assert not torch.equal(a["image_tower.visual.proj"], load_encoders_state(spec)["image_tower.visual.proj"])
-
-
 def load_encoders_state(spec: str) -> dict[str, torch.Tensor]:
     from gapkit.encoders import load_encoders
 
@@ -195,6 +170,15 @@ def test_unlock_last_finds_the_blocks_of_each_architecture(tmp_path: Path) -> No
     assert "model.layernorm.weight" in train_im
     assert not any(p.requires_grad for p in enc.text_tower.parameters())
 
+    enc = load_encoders(tiny_hf_clip(tmp_path), device="cpu")
+    assert find_blocks(enc.image_tower)[0] == "vision_model.encoder.layers"
+    assert find_blocks(enc.text_tower)[0] == "text_model.encoder.layers"
+    set_trainable(enc.image_tower, enc.text_tower, unlock_last=1)
+    train = {n for t in (enc.image_tower, enc.text_tower) for n, p in t.named_parameters() if p.requires_grad}
+    assert {"visual_projection.weight", "text_projection.weight", "vision_model.post_layernorm.weight",
+            "text_model.final_layer_norm.weight"} <= train
+    assert not any(".layers.0." in n or "embeddings" in n or "pre_layrnorm" in n for n in train), sorted(train)
+
     with pytest.raises(GapkitError, match="block list"):
         set_trainable(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), unlock_last=1)
     with pytest.raises(GapkitError, match="freeze"):
@@ -232,31 +216,6 @@ def test_freeze_and_unlock_last_change_what_moves(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# batches: accumulation is memory, not mathematics
-# --------------------------------------------------------------------------------------------
-
-
-def test_grad_accum_gives_the_same_training_as_one_batch(tmp_path: Path) -> None:
-    data = _toy_dataset(tmp_path / "toy", n=24)
-    spec = _tiny_clip_spec(tmp_path, "gapkit-e2e-acc", TINY32)
-    cfg = TrainConfig(loss="clip+atp+cu", epochs=2, batch_size=12, lr=1e-3, val_fraction=0.0, seed=3, patience=0)
-    finetune_end_to_end(data, tmp_path / "a1", cfg, model=spec, grad_accum=1)
-    finetune_end_to_end(data, tmp_path / "a3", cfg, model=spec, grad_accum=3)
-    a, b = _weights(tmp_path / "a1"), _weights(tmp_path / "a3")
-    for k in a:
-        x, y = a[k], b[k]
-        if k.endswith("attn.in_proj_bias"):
-            # the key bias [D:2D] has an exactly zero gradient (it shifts every logit of a softmax
-            # row alike), so AdamW's g/sqrt(v) turns rounding noise into full-size steps: skip it
-            d = x.shape[0] // 3
-            x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=5e-5, msg=k)
-    la = [r["train_loss"] for r in read_metrics(tmp_path / "a1")[1:]]
-    lb = [r["train_loss"] for r in read_metrics(tmp_path / "a3")[1:]]
-    np.testing.assert_allclose(la, lb, rtol=1e-4)
-
-
-# --------------------------------------------------------------------------------------------
 # split, errors, CLI
 # --------------------------------------------------------------------------------------------
 
@@ -283,13 +242,15 @@ def test_cli_end_to_end_and_errors(tmp_path: Path) -> None:
     runner = CliRunner()
     base = ["finetune", str(data), "--model", spec, "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25",
             "--quiet"]
-    res = runner.invoke(app, base + ["-o", str(tmp_path / "run"), "--json"])
+    # bf16 autocast runs on a CPU too (the GPU path's mixed precision, minus the GradScaler)
+    res = runner.invoke(app, base + ["-o", str(tmp_path / "run"), "--json", "--precision", "bf16"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert set(doc["before"]) >= {"gap", "cos_true_pairs", "i2t_R@1"} and doc["after"]
     for name in ("encoders.safetensors", "encoders.json", "heads.safetensors", "heads.json", "metrics.jsonl"):
         assert (tmp_path / "run" / name).is_file(), name
     assert json.loads((tmp_path / "run" / "encoders.json").read_text())["model"] == spec
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["precision"] == "bf16"
 
     res = runner.invoke(app, base + ["-o", str(tmp_path / "bad"), "--freeze", "both"])
     assert res.exit_code == 2
@@ -304,3 +265,91 @@ def test_cli_end_to_end_and_errors(tmp_path: Path) -> None:
     # resuming with other settings is refused, naming them
     res = runner.invoke(app, base[:-1] + ["-o", str(tmp_path / "run"), "--resume", "--loss", "clip", "--quiet"])
     assert res.exit_code == 2 and "loss" in res.output
+
+
+# --------------------------------------------------------------------------------------------
+# the same training, reached three other ways: after a crash and --resume, with gradient
+# accumulation, and on two processes (torch.distributed, gloo): all equal one uninterrupted run
+# --------------------------------------------------------------------------------------------
+
+REF_CFG = dict(loss="clip+atp+cu", epochs=2, batch_size=8, lr=2e-3, val_fraction=0.25, seed=1, patience=0,
+               schedule=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, dict]:
+    """(toy dataset, uninterrupted run folder, model spec, its summary)."""
+    tmp = tmp_path_factory.mktemp("e2e-ref")
+    data = _toy_dataset(tmp / "toy", n=24)
+    spec = _tiny_clip_spec(tmp, "gapkit-e2e-ref", TINY32)
+    summary = finetune_end_to_end(data, tmp / "ref", TrainConfig(**REF_CFG), model=spec)
+    return data, tmp / "ref", spec, summary
+
+
+def _assert_same_training(ref: Path, other: Path, tol: float = 1e-5) -> None:
+    a, b = _weights(ref), _weights(other)
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("attn.in_proj_bias"):
+            # the key bias [D:2D] has an exactly zero gradient (it shifts every logit of a softmax
+            # row alike), so AdamW's g/sqrt(v) turns rounding noise into full-size steps: skip it
+            d = x.shape[0] // 3
+            x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
+        torch.testing.assert_close(x, y, rtol=10 * tol, atol=tol, msg=k)
+    h1 = load_file(str(ref / "heads.safetensors"))
+    h2 = load_file(str(other / "heads.safetensors"))
+    for k in h1:
+        torch.testing.assert_close(h1[k], h2[k], rtol=10 * tol, atol=tol, msg=k)
+    la = [r["train_loss"] for r in read_metrics(ref)[1:]]
+    lb = [r["train_loss"] for r in read_metrics(other)[1:]]
+    assert len(la) == len(lb) == REF_CFG["epochs"]
+    np.testing.assert_allclose(la, lb, rtol=10 * tol)
+    ra = json.loads((ref / "result.json").read_text())["after"]
+    rb = json.loads((other / "result.json").read_text())["after"]
+    assert ra == pytest.approx(rb, abs=10 * tol)
+
+
+def test_resume_equals_an_uninterrupted_run(reference: tuple, tmp_path: Path) -> None:
+    data, ref, spec, _ = reference
+    with pytest.raises(KeyboardInterrupt):
+        finetune_end_to_end(data, tmp_path / "crash", TrainConfig(**REF_CFG), model=spec, reporter=_Crash(after=1))
+    finetune_end_to_end(data, tmp_path / "crash", TrainConfig(**REF_CFG), model=spec, resume=True)
+    _assert_same_training(ref, tmp_path / "crash", tol=1e-6)
+    # the comparison can fail: training moved the weights away from the initial ones
+    assert not torch.equal(_weights(ref)["image_tower.visual.proj"], load_encoders_state(spec)["image_tower.visual.proj"])
+
+
+def test_grad_accum_gives_the_same_training_as_one_batch(reference: tuple, tmp_path: Path) -> None:
+    data, ref, spec, _ = reference
+    finetune_end_to_end(data, tmp_path / "acc", TrainConfig(**REF_CFG), model=spec, grad_accum=2)
+    assert json.loads((tmp_path / "acc" / "run.json").read_text())["grad_accum"] == 2
+    _assert_same_training(ref, tmp_path / "acc", tol=5e-5)
+
+
+def _ddp_worker(rank: int, world: int, port: int, args: tuple) -> None:
+    import os
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    data, out, spec = args
+    finetune_end_to_end(data, out, TrainConfig(**REF_CFG), model=spec)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_processes_train_like_one(reference: tuple, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    data, ref, spec, _ = reference
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), (data, tmp_path / "two", spec)),
+                       nprocs=2, join=True, start_method="spawn")
+    run_json = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run_json["world_size"] == 2 and run_json["batch_size"] == REF_CFG["batch_size"]
+    _assert_same_training(ref, tmp_path / "two", tol=5e-5)
