@@ -277,6 +277,60 @@ def stratified_sample(labels: np.ndarray | None, n: int, max_points: int, seed: 
     return np.sort(np.concatenate(picked))
 
 
+#: up to this many points, UMAP gets exact cosine neighbours (chunked brute force,
+#: :func:`exact_cosine_knn`); above it, umap-learn's own approximate NN-descent (pynndescent)
+EXACT_KNN_MAX = 50_000
+
+_NUMBA_CACHE_ENABLED = False
+
+
+def _enable_umap_kernel_cache() -> None:
+    """Let numba cache umap-learn's compiled kernels on disk (as ``@njit(cache=True)`` would).
+
+    umap-learn compiles its kernels (many with ``parallel=True``) at the first fit of every
+    process, 20-60 s on a small CPU, and does not ask numba to cache them. Enabling the cache
+    (numba's ``Dispatcher.enable_caching``, in ``__pycache__`` or NUMBA_CACHE_DIR) makes that a
+    one-time cost per machine. Failure only means no cache.
+    """
+    global _NUMBA_CACHE_ENABLED
+    if _NUMBA_CACHE_ENABLED:
+        return
+    _NUMBA_CACHE_ENABLED = True
+    try:
+        import importlib
+
+        from numba.core.caching import NullCache
+        from numba.core.dispatcher import Dispatcher
+
+        for name in ("umap.umap_", "umap.layouts", "umap.spectral", "umap.distances", "umap.utils", "umap.sparse"):
+            mod = importlib.import_module(name)
+            for obj in list(vars(mod).values()):
+                if isinstance(obj, Dispatcher) and isinstance(getattr(obj, "_cache", None), NullCache):
+                    try:
+                        obj.enable_caching()
+                    except Exception:
+                        pass
+    except Exception:
+        pass
+
+
+def exact_cosine_knn(x: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, cosine distances 1 − ⟨x̂_i, x̂_j⟩) of the ``k`` nearest rows of every row of the
+    L2-normalised ``x`` (itself included), exact: blocks of ``chunk`` rows times all rows with
+    torch's multithreaded matmul and ``topk``, never the full N×N matrix."""
+    import torch
+
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    idx = np.empty((x.shape[0], k), dtype=np.int32)
+    dist = np.empty((x.shape[0], k), dtype=np.float32)
+    with torch.no_grad():
+        for s in range(0, x.shape[0], chunk):
+            sims, ix = torch.topk(xt[s : s + chunk] @ xt.T, k, dim=1)
+            idx[s : s + len(ix)] = ix.numpy()
+            dist[s : s + len(ix)] = np.maximum(1.0 - sims.numpy(), 0.0)
+    return idx, dist
+
+
 def fit_2d(
     x: np.ndarray,
     method: str = "umap",
@@ -286,26 +340,35 @@ def fit_2d(
 ) -> np.ndarray:
     """2-D coordinates of the rows of ``x`` (already L2-normalised), one fit for all rows.
 
-    ``umap``: umap-learn's UMAP (McInnes et al. 2018) with the cosine metric, ``random_state=seed``
-    (deterministic; umap-learn then runs single-threaded). ``pca``: scikit-learn's PCA with the
-    full SVD (exact, deterministic signs).
+    ``umap``: umap-learn's UMAP (McInnes et al. 2018) with the cosine metric and
+    ``random_state=seed`` (deterministic; umap-learn then runs single-threaded); up to
+    EXACT_KNN_MAX points its neighbour graph is exact (:func:`exact_cosine_knn`, passed as
+    ``precomputed_knn``: faster here than NN-descent plus its per-process numba compilation, and
+    free of its approximation), above that umap-learn's approximate NN-descent. ``pca``:
+    scikit-learn's PCA, exact (covariance eigendecomposition when rows ≫ dims, else full SVD),
+    deterministic signs.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
     if method == "pca":
         from sklearn.decomposition import PCA
 
-        if x.shape[0] < 2:
-            return np.zeros((x.shape[0], 2), dtype=np.float32)
-        n_comp = min(2, x.shape[0], x.shape[1])
-        out = PCA(n_components=n_comp, svd_solver="full").fit_transform(x)
+        if n < 2:
+            return np.zeros((n, 2), dtype=np.float32)
+        n_comp = min(2, n, d)
+        solver = "covariance_eigh" if n >= 10 * d and d <= 2048 else "full"
+        out = PCA(n_components=n_comp, svd_solver=solver).fit_transform(x)
         if n_comp < 2:
             out = np.hstack([out, np.zeros((out.shape[0], 2 - n_comp))])
         return out.astype(np.float32)
     if method == "umap":
-        if x.shape[0] < 4:
-            raise GapkitError(f"UMAP needs at least 4 points, this set has {x.shape[0]}; use --method pca")
+        if n < 4:
+            raise GapkitError(f"UMAP needs at least 4 points, this set has {n}; use --method pca")
         import umap
 
+        _enable_umap_kernel_cache()
+        k = int(min(n_neighbors, n - 1))
+        knn = exact_cosine_knn(x, k) if n <= EXACT_KNN_MAX else None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*n_jobs value.*")
             warnings.filterwarnings("ignore", category=UserWarning, module="umap")
@@ -313,10 +376,11 @@ def fit_2d(
             reducer = umap.UMAP(
                 n_components=2,
                 metric="cosine",
-                n_neighbors=int(min(n_neighbors, x.shape[0] - 1)),
+                n_neighbors=k,
                 min_dist=float(min_dist),
                 random_state=int(seed),
-                init="spectral" if x.shape[0] > n_neighbors + 2 else "random",
+                init="spectral" if n > k + 2 else "random",
+                precomputed_knn=(knn[0], knn[1], None) if knn is not None else (None, None, None),
             )
             return np.asarray(reducer.fit_transform(x), dtype=np.float32)
     raise GapkitError(f"unknown method {method!r}; use umap or pca")
