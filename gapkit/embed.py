@@ -240,6 +240,8 @@ def embed(
     out = Path(out)
     info = dist_info()
     dev = pick_device(device if device else (f"cuda:{info.local_rank}" if info.world > 1 and torch.cuda.is_available() else None))
+    if dev.type == "cuda" and dev.index is None and info.world > 1:
+        dev = torch.device("cuda", info.local_rank)  # one GPU per process
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
@@ -515,8 +517,9 @@ def _forward(enc: Encoders, head_mod: Any, pixels: torch.Tensor, tokens: Any, de
     tx = enc.encode_text(tokens)
     if head_mod is not None:
         try:
-            im = head_mod.project_images(im.float())
-            tx = head_mod.project_texts(tx.float())
+            with torch.autocast(device_type=dev.type, enabled=False):  # heads in float32
+                im = head_mod.project_images(im.float())
+                tx = head_mod.project_texts(tx.float())
         except RuntimeError as err:
             raise GapkitError(
                 f"the heads do not fit these encoders (image dim {im.shape[-1]}, text dim {tx.shape[-1]}): "

@@ -252,13 +252,14 @@ class HFTextTower(torch.nn.Module):
 class HFTokenize:
     """A transformers tokenizer: padded, truncated to ``max_length``, as a dict of tensors."""
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, padding: str | bool = True) -> None:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        self.padding = padding
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts), padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return dict(enc)
 
@@ -600,7 +601,9 @@ def _load_hf(
             side["text_tower"] = HFTextTower(model, pooling)
             side["text_info"]["pooling"] = pooling
         tok_tokenizer, max_len = _hf_tokenizer(spec, local, is_dir, text_cfg, tokenizer)
-        side["tokenizer"] = HFTokenize(tok_tokenizer, max_len)
+        # SigLIP models were trained (and are documented to be used) with max_length padding
+        padding: str | bool = "max_length" if "siglip" in str(getattr(config, "model_type", "")) else True
+        side["tokenizer"] = HFTokenize(tok_tokenizer, max_len, padding)
         side["text_info"]["max_length"] = max_len
         if tokenizer:
             side["text_info"]["tokenizer"] = tokenizer
@@ -665,6 +668,9 @@ def _load_side(spec: str, need: str, image_pooling: str, text_pooling: str, toke
     spec = str(spec).strip()
     if not spec:
         raise GapkitError("empty model spec")
+    local = Path(spec)
+    if local.is_dir() and (local / "config.json").is_file() and not (local / "open_clip_config.json").is_file():
+        return _load_hf(spec, need, image_pooling, text_pooling, tokenizer, reporter)  # no open_clip import
     parsed = _open_clip_parse(spec)
     if parsed is not None:
         if need == "image" and image_pooling not in ("auto",):
