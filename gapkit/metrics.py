@@ -550,7 +550,7 @@ def measure(
     rows = _check_image_row(image_row, im.shape[0], tx.shape[0], im_name, tx_name)
     lab = None
     if labels is not None:
-        lab = np.asarray(_to_numpy(labels, "labels") if not isinstance(labels, (np.ndarray, list, tuple)) else labels)
+        lab = np.asarray(_to_numpy(labels, "labels") if hasattr(labels, "detach") else labels)
         lab = lab.astype(str).astype(object)
         if lab.shape != (tx.shape[0],):
             raise GapkitError(f"{lab.shape[0] if lab.ndim else 0} labels for {tx.shape[0]} texts (one per text row)")
@@ -825,10 +825,8 @@ def _label_metrics(
 
 def _multinomial(n: int, b: int, rng: np.random.Generator) -> np.ndarray:
     """(b, n) counts of b resamples of n units with replacement."""
-    idx = rng.integers(0, n, size=(b, n))
-    out = np.zeros((b, n), dtype=np.float64)
-    np.add.at(out, (np.repeat(np.arange(b), n), idx.ravel()), 1.0)
-    return out
+    idx = rng.integers(0, n, size=(b, n)) + (np.arange(b) * n)[:, None]
+    return np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
 
 
 class _PairWeights:

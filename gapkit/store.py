@@ -36,8 +36,14 @@ FORMAT_NAME = "gapkit-embeddings"
 FORMAT_VERSION = 1
 
 #: keys tried, in order, for the image and text arrays inside .npz / .safetensors / .pt files
-IMAGE_KEYS = ("images", "image", "image_embeds", "image_embeddings", "img", "img_emb", "x")
-TEXT_KEYS = ("texts", "text", "text_embeds", "text_embeddings", "txt", "text_emb", "y")
+IMAGE_KEYS = (
+    "images", "image", "image_embeds", "image_embeddings", "image_features", "image_feats",
+    "img", "img_emb", "img_feats", "x",
+)
+TEXT_KEYS = (
+    "texts", "text", "text_embeds", "text_embeddings", "text_features", "text_feats",
+    "txt", "text_emb", "txt_feats", "y",
+)
 
 CHECK_CHUNK = 65536
 
@@ -484,6 +490,10 @@ def load_embeddings(
                 )
         else:
             data = _read_container(path)
+            if isinstance(data, dict) and len(data) == 1:  # e.g. np.savez(f, features) of shape (2, N, D)
+                only = next(iter(data.values()))
+                if getattr(only, "ndim", 0) == 3:
+                    data = _to_numpy(only, str(path))
             if isinstance(data, np.ndarray):
                 if data.ndim != 3 or data.shape[0] != 2:
                     raise GapkitError(

@@ -191,12 +191,24 @@ def test_liang_layout_npy(tmp_path):
         load_embeddings(tmp_path / "g.npy")
 
 
+def test_single_stacked_array_in_npz_and_safetensors(tmp_path):
+    x, y = _arrays()
+    np.savez(tmp_path / "f.npz", np.stack([x, y]))  # key arr_0
+    save_file({"features": np.stack([x, y])}, str(tmp_path / "f.safetensors"))
+    for f in ("f.npz", "f.safetensors"):
+        emb = load_embeddings(tmp_path / f)
+        np.testing.assert_array_equal(emb.images, x)
+        np.testing.assert_array_equal(emb.texts, y)
+
+
 def test_real_liang_features(coco_features):
     emb = load_embeddings(coco_features)
     assert emb.images.shape == (500, 512) and emb.texts.shape == (500, 512) and emb.one_to_one
 
 
-@pytest.mark.parametrize("keys", [("images", "texts"), ("image_embeds", "text_embeds"), ("img_emb", "text_emb")])
+@pytest.mark.parametrize(
+    "keys", [("images", "texts"), ("image_embeds", "text_embeds"), ("img_emb", "text_emb"), ("image_features", "text_features")]
+)
 def test_npz_and_safetensors_keys(tmp_path, keys):
     x, y = _arrays()
     np.savez(tmp_path / "a.npz", **{keys[0]: x, keys[1]: y})
