@@ -428,3 +428,21 @@ def test_real_clip_coco_features(coco_features, coco_features_random):
     rnd = np.load(coco_features_random)
     rr = M.measure(rnd[0], rnd[1], metrics=["gap", "t2i_R@10", "cos_true_pairs"])
     assert rr["t2i_R@10"] < 0.1 < r["t2i_R@10"]  # random weights retrieve at chance (10/500)
+
+
+def test_bootstrap_replicate_equals_measuring_the_resample():
+    # one replicate's interval is that replicate's value: it must equal measure() on the same
+    # resample of the pairs built explicitly (duplicates as separate rows)
+    rng = np.random.default_rng(13)
+    n = 5000  # spans several weight pieces
+    x = rng.normal(size=(n, 6)) + 0.3
+    y = x + rng.normal(size=(n, 6))
+    seed = 4
+    w = M._PairWeights(n, 1, seed)
+    counts = np.concatenate([w.piece(p)[0] for p in range(len(w.starts))]).astype(int)
+    assert counts.sum() == n
+    idx = np.repeat(np.arange(n), counts)
+    boot = M.measure(x, y, metrics=M.STREAM_METRICS, bootstrap=1, seed=seed)
+    direct = M.measure(x[idx], y[idx], metrics=M.STREAM_METRICS)
+    for m in M.STREAM_METRICS:
+        assert boot.ci[m][0] == pytest.approx(direct[m], abs=2e-5), m
