@@ -146,7 +146,11 @@ def main() -> None:
           f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
     results = {}
     for name in a.phases.split(","):
-        cmd = [sys.executable, __file__, "--phase", name] + [x for x in sys.argv[1:] if not x.startswith("--phases")]
+        cmd = [sys.executable, __file__, "--phase", name, "--data", a.data, "--model", a.model,
+               "--batch-size", str(a.batch_size)]
+        for opt, val in (("--workers", a.workers), ("--limit", a.limit), ("--device", a.device)):
+            if val is not None:
+                cmd += [opt, str(val)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         if res.returncode != 0:
             raise SystemExit(f"phase {name} failed:\n{res.stderr[-3000:]}")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -257,8 +258,6 @@ def embed(
         reporter.note(f"{out} is already a finished embedding set; nothing to do (--overwrite to redo it)")
         result.already_finished = True
         try:
-            import json
-
             meta = json.loads((out / "info.json").read_text())
             result.n_images, result.n_texts = int(meta.get("n_images", 0)), int(meta.get("n_texts", 0))
             result.n_skipped = len(meta.get("skipped", []))
@@ -268,7 +267,7 @@ def embed(
 
     group = _Group(info, dev)
     try:
-        return _run(data, out, group, dev, precision, result, reporter, locals_(
+        return _run(data, out, group, dev, precision, result, reporter, _opts(
             model=model, image_model=image_model, text_model=text_model, image_pooling=image_pooling,
             text_pooling=text_pooling, tokenizer=tokenizer, encoders=encoders, heads=heads,
             batch_size=batch_size, workers=workers, shard_size=shard_size, limit=limit, on_error=on_error,
@@ -279,7 +278,7 @@ def embed(
         group.close()
 
 
-def locals_(**kw: Any) -> dict[str, Any]:
+def _opts(**kw: Any) -> dict[str, Any]:
     return kw
 
 
@@ -379,8 +378,6 @@ def _run(data: Any, out: Path, group: _Group, dev: torch.device, precision: str,
         if head_mod is not None:
             info["heads_config"] = getattr(head_mod, "config", None)
         writer.finalize(info, dtype=o["dtype"])
-        import json
-
         meta = json.loads((out / "info.json").read_text())
         result.n_images, result.n_texts = int(meta["n_images"]), int(meta["n_texts"])
         result.n_skipped = len(meta.get("skipped", []))

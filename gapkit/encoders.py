@@ -535,7 +535,8 @@ def _load_hf(
     transformers.logging.disable_progress_bar()  # library code does not print
     local = Path(spec)
     is_dir = local.is_dir()
-    if not is_dir and (spec.startswith((".", "/", "~")) or local.suffix or spec.count("/") != 1):
+    if not is_dir and (spec.startswith((".", "/", "~")) or local.suffix.lower() in (".json", ".safetensors", ".bin", ".pt")
+                       or spec.count("/") > 1):
         raise GapkitError(
             "not a model: no such folder, and not an open_clip spec (NAME:TAG) or a Hugging Face "
             "id (ORG/NAME)",
@@ -547,7 +548,8 @@ def _load_hf(
         config = AutoConfig.from_pretrained(spec)
     except Exception as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise GapkitError(f"cannot load the model config of {spec!r}: {msg}{_offline_hint()}") from err
+        raise GapkitError(f"cannot load the model config of {spec!r} (no such local folder; tried it as a "
+                          f"Hugging Face id): {msg}{_offline_hint()}") from err
     random_init = is_dir and not any((local / f).is_file() for f in _WEIGHT_FILES)
     missing: list[str] = []
     ctx = _seeded()

@@ -347,3 +347,26 @@ def test_dist_info_reads_torchrun_and_slurm(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert (dist_info().rank, dist_info().world, dist_info().source) == (1, 2, "torchrun")
+
+
+def test_hf_towers_through_the_pipeline(medpix: Path, tmp_path: Path) -> None:
+    """Separate transformers towers (tiny ViT, real MiniLM): rows equal each pair encoded alone,
+    so padding captions of different lengths into one batch changes nothing."""
+    from gapkit.datasets import open_dataset
+    from gapkit.encoders import load_encoders
+    from tests.tiny_models import minilm_path, tiny_hf_vit
+
+    vit = tiny_hf_vit(tmp_path)
+    out = tmp_path / "set"
+    embed(medpix / "dev", out, image_model=vit, text_model=minilm_path(), limit=6, batch_size=3, workers=1)
+    emb = gapkit.open_set(out)
+    assert emb.images.shape == (6, 48) and emb.texts.shape == (6, 384)
+    assert emb.info["encoders"]["text_pooling"] == "mean"
+    enc = load_encoders(image_model=vit, text_model=minilm_path(), device="cpu")
+    ds = open_dataset(medpix / "dev", limit=6)
+    with torch.inference_mode():
+        for i in range(6):
+            im = enc.encode_image(enc.image_transform(ds.load_image(i))[None])[0].numpy()
+            tx = enc.encode_text(enc.tokenize([ds.records[i].texts[0]]))[0].numpy()
+            np.testing.assert_allclose(emb.images[i], im, atol=1e-4, rtol=1e-3)
+            np.testing.assert_allclose(emb.texts[i], tx, atol=1e-4, rtol=1e-3)

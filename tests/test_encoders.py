@@ -96,6 +96,8 @@ def test_bad_and_offline_specs_fail_clearly(models: dict[str, str], tmp_path: Pa
         load_encoders("ViT-B-32:laion2b_s34b_b79k")
     with pytest.raises(GapkitError, match=r"google/vit-base-patch16-224.*HF_HUB_OFFLINE"):
         load_encoders(image_model="google/vit-base-patch16-224", text_model=models["bert"])
+    with pytest.raises(GapkitError, match=r"hf-hub:.*HF_HUB_OFFLINE"):
+        load_encoders("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
     with pytest.raises(GapkitError, match="no such checkpoint file"):
         load_encoders("ViT-B-32:/nowhere/ckpt.safetensors")
     with pytest.raises(GapkitError, match="no config.json"):
