@@ -292,8 +292,8 @@ def set_trainable(
     """
     if freeze not in (None, "none", *FREEZE_CHOICES):
         raise GapkitError(f"freeze must be image or text, not {freeze!r}")
-    if unlock_last is not None and int(unlock_last) < 0:
-        raise GapkitError(f"unlock_last must be >= 0, not {unlock_last}")
+    if unlock_last is not None and int(unlock_last) < 1:
+        raise GapkitError(f"--unlock-last must be >= 1, not {unlock_last}")
     out: dict[str, Any] = {}
     towers = {"image": image_tower, "text": text_tower}
     shared = {id(p) for p in image_tower.parameters()} & {id(p) for p in text_tower.parameters()}
@@ -311,8 +311,6 @@ def set_trainable(
         total = sum(p.numel() for p in tower.parameters())
         train = sum(p.numel() for p in tower.parameters() if p.requires_grad)
         out[which] = {"parameters": total, "trainable": train}
-    if out["image"]["trainable"] == 0 and out["text"]["trainable"] == 0 and freeze is None:
-        pass  # heads still train
     return out
 
 
@@ -402,16 +400,6 @@ class _Pixels:
         else:
             for c in chunks:
                 yield _collate([self.source[int(i)] for i in c])
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True)
-    if hasattr(obj, "to") and not isinstance(obj, (dict, list, tuple)):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -680,16 +668,14 @@ def _save_encoders(enc: Any, out: Path, spec: dict[str, Any]) -> None:
     from safetensors.torch import save
 
     state: dict[str, Tensor] = {}
-    seen: dict[int, str] = {}
+    storages: set[int] = set()
     for k, v in enc.state_dict().items():
         t = v.detach().cpu()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        ptr = hash(key)
-        t = t.contiguous()
-        if ptr in seen:  # safetensors refuses tensors that share memory: store a copy
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:  # safetensors refuses tensors that share memory (tied weights): store a copy
             t = t.clone()
-        seen[ptr] = k
-        state[k] = t
+        storages.add(ptr)
+        state[k] = t.contiguous()
     _atomic_bytes(out / ENCODERS_WEIGHTS, save(state, metadata={"format": "gapkit-encoders"}))
     _atomic_bytes(out / ENCODERS_CONFIG, (json.dumps(spec, indent=2, default=str) + "\n").encode())
 
