@@ -607,8 +607,8 @@ def label_colors(panels: Sequence[Panel], palette: Sequence[str] = OKABE_ITO) ->
 
 def _marker_size(n_points: int, width_in: float) -> float:
     """Marker area (pt²) that keeps a panel readable from 50 to 50,000 points."""
-    base = 9.0 * (width_in / 2.3) ** 2
-    return float(np.clip(base * math.sqrt(400.0 / max(n_points, 1)), 0.6, 14.0))
+    base = 10.0 * (width_in / 2.3) ** 2
+    return float(np.clip(base * math.sqrt(400.0 / max(n_points, 1)), 0.8, 12.0))
 
 
 def draw_umap(
@@ -682,7 +682,7 @@ def draw_umap(
             if pair_lines > 0 and len(p.text_xy):
                 pick = rng.choice(len(p.text_xy), size=min(pair_lines, len(p.text_xy)), replace=False)
                 segs = np.stack([p.text_xy[pick], p.image_xy[p.text_pair[pick]]], axis=1)
-                lc = LineCollection(segs, colors="0.2", linewidths=0.35, alpha=0.55, zorder=3)
+                lc = LineCollection(segs, colors="0.3", linewidths=0.3, alpha=0.45, zorder=3)
                 lc.set_gid(f"{k}:pairs")
                 ax.add_collection(lc)
             ax.set_xticks([])
@@ -712,12 +712,15 @@ def draw_umap(
                 Line2D([], [], ls="", marker=MARKERS["text"], color=MODALITY_COLORS["text"], markersize=4.5, label="text"),
             ]
         if pair_lines > 0:
-            handles.append(Line2D([], [], color="0.2", lw=0.6, alpha=0.7, label="true pair"))
-        per_row = max(2, int(width / 0.95))
+            handles.append(Line2D([], [], color="0.3", lw=0.6, alpha=0.7, label="true pair"))
+        # one row when it fits (≈ 0.055 in per character at 7 pt + 0.4 in per entry), else two
+        # rows filled column by column: the two shapes stack in the first column
+        need = sum(0.055 * len(h.get_label()) + 0.4 for h in handles)
+        rows = 1 if need <= width * 0.95 else max(2, math.ceil(need / (width * 0.95)))
         fig.legend(
             handles=handles,
             loc="outside lower center",
-            ncol=min(len(handles), per_row),
+            ncol=max(1, math.ceil(len(handles) / rows)),
             title=(f"shape: modality    colour: {color_by}" if color_by else None),
             handletextpad=0.3,
             columnspacing=1.0,
@@ -1028,8 +1031,8 @@ def plot_shift(
             if name == "R@1":
                 ax.set_ylim(-0.02, 1.02)
         handles = [
-            Line2D([], [], color=OKABE_ITO[0], lw=1.2, label="value (R@1: image→text)"),
-            Line2D([], [], color=OKABE_ITO[3], lw=1.2, ls="--", label="text→image"),
+            Line2D([], [], color=OKABE_ITO[0], lw=1.2, label="R@1 image→text"),
+            Line2D([], [], color=OKABE_ITO[3], lw=1.2, ls="--", label="R@1 text→image"),
             Line2D([], [], color="0.2", marker="o", ms=3, ls="", label="original embeddings (λ = 0)"),
         ]
         fig.legend(handles=handles, loc="outside lower center", ncol=3)
@@ -1056,7 +1059,10 @@ class Run:
     @property
     def name(self) -> str:
         loss = self.config.get("loss")
-        return f"{self.path.name} ({loss})" if loss and str(loss) not in self.path.name else self.path.name
+        plain = self.path.name.replace("+", "-").lower()
+        if loss and str(loss).replace("+", "-").lower() not in plain:
+            return f"{self.path.name} ({loss})"
+        return self.path.name
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(epochs, values) of the rows that have a finite number under ``key``."""
@@ -1106,6 +1112,20 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         except json.JSONDecodeError as err:
             raise GapkitError(f"invalid JSON ({err.msg})", path=cfile) from err
     return Run(path=folder, rows=rows, config=config if isinstance(config, dict) else {})
+
+
+def _curve_label(key: str) -> str:
+    """Legend text of a line style: ``train_loss`` -> "total loss", ``train_atp`` -> "atp term",
+    ``val_i2t_R@10`` -> "R@10 image→text"."""
+    if key == "train_loss":
+        return "total loss"
+    if key.startswith("train_"):
+        return f"{key[6:]} term"
+    if key.startswith("val_i2t_"):
+        return f"{key[8:]} image→text"
+    if key.startswith("val_t2i_"):
+        return f"{key[8:]} text→image"
+    return key
 
 
 _TERM_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 2)))
@@ -1173,11 +1193,10 @@ def plot_training(
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
         handles = [Line2D([], [], color=OKABE_ITO[i % len(OKABE_ITO)], lw=1.5, label=n) for i, n in enumerate(names)]
         used = [k for _, ks in panels for k in ks if len(ks) > 1]
-        handles += [
-            Line2D([], [], color="0.3", ls=styles[k], lw=1.1, label=k.replace("train_", "").replace("val_", "").replace("_R@10", " R@10"))
-            for k in dict.fromkeys(used)
-        ]
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6))
+        handles += [Line2D([], [], color="0.3", ls=styles[k], lw=1.1, label=_curve_label(k)) for k in dict.fromkeys(used)]
+        # two rows filled column by column: the runs (colours) first, then the line styles
+        rows = 2 if len(handles) > 3 else 1
+        fig.legend(handles=handles, loc="outside lower center", ncol=math.ceil(len(handles) / rows))
     save_figure(fig, out, dpi=dpi)
     reporter.note(f"wrote {out}")
     return PlotResult(path=out, figure=fig, data={n: r.rows for n, r in zip(names, rs)})

@@ -206,19 +206,24 @@ def test_cached_coordinates_are_reused_when_only_styling_changes(tmp_path, monke
     np.testing.assert_array_equal(r.panels[0].image_xy, first[f"{r.panels[0].key}_image_xy"])
 
     # a setting that changes the coordinates -> refit (only the panels whose key changed)
-    res = runner.invoke(app, args + ["--min-dist", "0.3"])
-    assert res.exit_code == 0 and calls == [60, 40, 60, 40]
+    res = runner.invoke(app, ["plot", "umap", str(a), "--n-neighbors", "5", "--min-dist", "0.3", "-o", str(out)])
+    assert res.exit_code == 0 and calls == [60, 40, 60]
+    pca = ["plot", "umap", str(a), str(b), "--method", "pca", "-o", str(out)]
+    res = runner.invoke(app, pca)
+    assert res.exit_code == 0 and calls == [60, 40, 60, 60, 40]
+    res = runner.invoke(app, pca + ["--titles", "A,B"])
+    assert res.exit_code == 0 and len(calls) == 5
     # changed data -> refit that panel only
-    make_set(tmp_path / "b2", ["x"] * 10 + ["y"] * 10, seed=5)
     import shutil
 
+    make_set(tmp_path / "b2", ["x"] * 10 + ["y"] * 10, seed=5)
     shutil.rmtree(b)
     (tmp_path / "b2").rename(b)
-    res = runner.invoke(app, args + ["--min-dist", "0.3"])
-    assert res.exit_code == 0 and calls == [60, 40, 60, 40, 40]
+    res = runner.invoke(app, pca)
+    assert res.exit_code == 0 and calls == [60, 40, 60, 60, 40, 40]
     # --refit forces a new fit
-    res = runner.invoke(app, args + ["--min-dist", "0.3", "--refit", "-q"])
-    assert res.exit_code == 0 and len(calls) == 7
+    res = runner.invoke(app, pca + ["--refit", "-q"])
+    assert res.exit_code == 0 and len(calls) == 8
 
 
 def test_max_points_samples_stratified_and_says_so(tmp_path):
