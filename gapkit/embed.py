@@ -377,6 +377,8 @@ def _run(data: Any, out: Path, group: _Group, dev: torch.device, precision: str,
         }
         if head_mod is not None:
             info["heads_config"] = getattr(head_mod, "config", None)
+        for stale in out.glob(".final.tmp-*"):  # a merge that a kill interrupted
+            shutil.rmtree(stale, ignore_errors=True)
         writer.finalize(info, dtype=o["dtype"])
         meta = json.loads((out / "info.json").read_text())
         result.n_images, result.n_texts = int(meta["n_images"]), int(meta["n_texts"])
