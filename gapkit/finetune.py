@@ -454,7 +454,7 @@ class EarlyStopping:
 def _as_tensor(a: np.ndarray, device: torch.device, chunk: int = 65536) -> Tensor:
     out = torch.empty(tuple(a.shape), dtype=torch.float32)
     for s in range(0, a.shape[0], chunk):
-        out[s : s + chunk] = torch.from_numpy(np.asarray(a[s : s + chunk], dtype=np.float32))
+        out[s : s + chunk] = torch.from_numpy(np.array(a[s : s + chunk], dtype=np.float32, copy=True))
     return out.to(device)
 
 
