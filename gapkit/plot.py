@@ -520,8 +520,6 @@ def compute_panels(
         else:
             text_idx = np.arange(emb.n_texts)
         image_idx, text_pair = np.unique(emb.image_row[text_idx], return_inverse=True)
-        images = _normalized(emb.images)
-        texts = _normalized(emb.texts)
         panel = Panel(
             title=names[i],
             image_idx=image_idx,
@@ -540,7 +538,8 @@ def compute_panels(
         if hit is not None and np.array_equal(hit["text_idx"], text_idx) and np.array_equal(hit["image_idx"], image_idx):
             panel.image_xy, panel.text_xy, panel.reused = hit["image_xy"], hit["text_xy"], True
         else:
-            to_fit.append((i, images[image_idx], texts[text_idx]))
+            # only the rows shown are read and normalised (a memory map stays on disk)
+            to_fit.append((i, _normalized(emb.images[image_idx]), _normalized(emb.texts[text_idx])))
         panels.append(panel)
 
     if sampled_notes:
