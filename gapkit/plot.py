@@ -641,6 +641,9 @@ def draw_umap(
     width, height = size or default
     colors = label_colors(panels) if color_by else {}
     rng = np.random.default_rng(seed)
+    # the gap goes beside every title when all fit (≈ 0.075 in per 8 pt character), else below
+    # every panel
+    gap_beside = all(0.075 * (len(p.title) + 11) <= width / ncols for p in panels)
     with paper_style():
         fig = _new_figure(width, height)
         axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -692,7 +695,11 @@ def draw_umap(
             ax.set_aspect("equal", adjustable="datalim")
             ax.set_title(p.title, loc="left", fontweight="bold")
             if show_gap and p.gap is not None:
-                ax.set_title(f"gap {p.gap:.2f}", loc="right", color="0.3")
+                gap_text = f"gap {p.gap:.2f}"
+                if gap_beside:
+                    ax.set_title(gap_text, loc="right", color="0.3")
+                else:
+                    ax.set_xlabel(gap_text, color="0.3")
         # one legend, below the panels: shapes (modality), then colours (labels)
         handles: list[Any] = []
         if color_by:
