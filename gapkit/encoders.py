@@ -479,7 +479,7 @@ def _load_open_clip(spec: str, name: str, pretrained: str | None, kind: str, rep
             raise GapkitError("no such checkpoint file", path=pretrained)
         kwargs["pretrained"] = pretrained
     ctx = _seeded()
-    logging.disable(logging.WARNING)  # open_clip logs "initialized randomly" on the root logger
+    logging.disable(logging.CRITICAL)  # open_clip logs on the root logger; failures become GapkitError
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
