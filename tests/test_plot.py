@@ -441,3 +441,20 @@ def test_real_coco_random_init_vs_clip(tmp_path, coco_features, coco_features_ra
     sh = gp.shift_experiment(load_embeddings(coco_features), [0.0, 0.5, 1.0])
     assert sh["gap"][0] == pytest.approx(r.panels[1].gap, abs=1e-6)
     assert sh["gap"][2] < 0.1
+
+
+def test_umap_is_seeded_and_uses_exact_neighbours():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((80, 12)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    idx, dist = gp.exact_cosine_knn(x, 6, chunk=16)
+    sims = x @ x.T
+    for i in range(len(x)):  # the same neighbours as a full sort, nearest first, self included
+        want = np.argsort(-sims[i], kind="stable")[:6]
+        assert set(idx[i]) == set(want) and idx[i][0] == i
+        np.testing.assert_allclose(dist[i], 1 - sims[i][idx[i]], atol=1e-5)
+        assert np.all(np.diff(dist[i]) >= -1e-6)
+    a = gp.fit_2d(x, method="umap", seed=3, n_neighbors=6)
+    b = gp.fit_2d(x, method="umap", seed=3, n_neighbors=6)
+    assert a.shape == (80, 2) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
