@@ -479,6 +479,7 @@ def _load_open_clip(spec: str, name: str, pretrained: str | None, kind: str, rep
             raise GapkitError("no such checkpoint file", path=pretrained)
         kwargs["pretrained"] = pretrained
     ctx = _seeded()
+    prev_disable = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # open_clip logs on the root logger; failures become GapkitError
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
@@ -489,7 +490,7 @@ def _load_open_clip(spec: str, name: str, pretrained: str | None, kind: str, rep
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise GapkitError(f"cannot load open_clip model {spec!r}: {msg}{_offline_hint()}") from err
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(prev_disable)
         ctx.__exit__(None, None, None)
     if random_init:
         reporter.note(f"{spec}: random weights (open_clip {name}, seed {RANDOM_SEED})")
