@@ -34,8 +34,8 @@ def synthetic(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     b = rng.standard_normal((64, d), dtype=np.float32)
     images = z @ a + 0.5 * rng.standard_normal((n, d), dtype=np.float32)
     texts = z @ b + 0.5 * rng.standard_normal((n, d), dtype=np.float32)
-    images[:, 0] += 8.0  # a modality gap
-    texts[:, 1] += 8.0
+    images[:, 0] += 150.0  # a modality gap (rows have norms of about 180)
+    texts[:, 1] += 150.0
     return images, texts
 
 

@@ -698,6 +698,7 @@ def train_heads(
         append_metrics(out, row0)
         if val_set is not None:
             stopper.update(0, row0)
+        t0 = time.perf_counter()  # time_s counts training (and per-epoch validation), not epoch 0
 
     stopped = False
     epochs_run = start_epoch - 1
