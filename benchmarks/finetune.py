@@ -78,7 +78,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--steps-only", action="store_true", help="only the step-cost comparison")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 is steadier on a machine shared with other jobs")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
 
     costs = step_costs(args.dim, args.batch, args.repeats)
