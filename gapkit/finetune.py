@@ -165,9 +165,13 @@ class TrainConfig:
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
-    """``auto``: the first CUDA GPU when there is one, else the CPU; otherwise torch's spelling."""
+    """``auto``: CUDA when there is a GPU, then Apple's mps, then the CPU (as ``gapkit embed``);
+    otherwise torch's spelling (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
     if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as err:

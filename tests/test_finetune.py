@@ -325,3 +325,29 @@ def test_cli_end_to_end_path_without_the_module(tmp_path: Path, monkeypatch):
     (tmp_path / "ds" / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "x"}\n')
     r = runner.invoke(app, ["finetune", str(tmp_path / "ds"), "-o", str(tmp_path / "run"), "--model", "tiny"])
     assert r.exit_code == 2 and "not built yet" in r.output
+
+
+def test_cli_end_to_end_wiring_matches_the_trainer(tmp_path: Path, monkeypatch):
+    """The CLI's call binds to gapkit.endtoend.finetune_end_to_end's real signature."""
+    import inspect
+
+    import gapkit.endtoend as e2e
+
+    real = inspect.signature(e2e.finetune_end_to_end)
+    seen = {}
+
+    def fake(*args, **kwargs):
+        real.bind(*args, **kwargs)  # raises TypeError when the CLI passes what it does not take
+        seen.update(kwargs, data=args[0], config=args[2])
+        return {"before": {"gap": 0.9}, "after": {"gap": 0.5}, "before_label": "initial", "best_epoch": 1}
+
+    monkeypatch.setattr(e2e, "finetune_end_to_end", fake)
+    (tmp_path / "ds").mkdir()
+    r = runner.invoke(app, ["finetune", str(tmp_path / "ds"), "-o", str(tmp_path / "run"), "--model", "M",
+                            "--unlock-last", "2", "--freeze", "text", "--grad-accum", "4", "--limit", "10",
+                            "--loss", "clip", "--epochs", "3", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert seen["model"] == "M" and seen["unlock_last"] == 2 and seen["freeze"] == "text"
+    assert seen["grad_accum"] == 4 and seen["dataset_options"] == {"limit": 10}
+    assert seen["config"].loss == "clip" and seen["config"].epochs == 3
+    assert "0.500" in r.stdout
