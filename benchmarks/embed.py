@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,24 +146,21 @@ def main() -> None:
     print(f"batch size {a.batch_size}, workers {a.workers if a.workers is not None else 'default'}, "
           f"torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, "
           f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
-    results: dict[str, dict] = {}
     rounds: list[dict[str, dict]] = []
     for _ in range(a.repeat):
         rounds.append(_round(a))
-    for name in rounds[0]:
-        runs = [r[name] for r in rounds]
-        med = sorted(runs, key=lambda r: r["pairs_per_s"])[len(runs) // 2]
-        results[name] = med
+    names = list(rounds[0])
     if a.repeat > 1:
         print(f"median of {a.repeat} rounds (phases alternate, so load from other jobs hits both alike):")
-        for name, r in results.items():
-            print(f"  {name:8s} {r['pairs_per_s']:8.2f} pairs/s")
-    if "forward" in results:
+        for name in names:
+            print(f"  {name:8s} {statistics.median(r[name]['pairs_per_s'] for r in rounds):8.2f} pairs/s, "
+                  f"peak RSS {max(r[name]['peak_rss_mib'] for r in rounds):.0f} MiB")
+    if "forward" in names:
         target = 0.95 if torch.cuda.is_available() else 0.85
         for name in ("embed", "cli"):
-            if name in results:
+            if name in names:
                 ratios = [r[name]["pairs_per_s"] / r["forward"]["pairs_per_s"] for r in rounds]
-                ratio = sorted(ratios)[len(ratios) // 2]
+                ratio = statistics.median(ratios)
                 flag = "" if name == "cli" else (" (meets target >= %.2f)" % target if ratio >= target else " (BELOW target %.2f)" % target)
                 per_round = ", ".join(f"{x:.3f}" for x in ratios)
                 print(f"  ratio {name}/forward = {ratio:.3f}{flag}" + (f"  [rounds: {per_round}]" if len(ratios) > 1 else ""))
