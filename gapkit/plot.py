@@ -50,6 +50,11 @@ OKABE_ITO = (
     "#F0E442",  # yellow
     "#000000",  # black
 )
+#: seaborn's 10-colour "colorblind" palette (Okabe-Ito based), used for 9 or 10 labels
+COLORBLIND10 = (
+    "#0173B2", "#DE8F05", "#029E73", "#D55E00", "#CC78BC",
+    "#CA9161", "#FBAFE4", "#56B4E9", "#ECE133", "#949494",  # grey last: dropped first
+)
 #: colour of labels beyond the palette (grouped as "other")
 OTHER_COLOR = "#BBBBBB"
 #: colours of the two modalities when points are coloured by modality
@@ -586,9 +591,10 @@ def _save_cache(npz_path: Path, json_path: Path, panels: Sequence[Panel], keys: 
 # --------------------------------------------------------------------------------------------
 
 
-def label_colors(panels: Sequence[Panel], palette: Sequence[str] = OKABE_ITO) -> dict[str, str]:
+def label_colors(panels: Sequence[Panel], palette: Sequence[str] | None = None) -> dict[str, str]:
     """One colour per label, shared by all panels: labels by total count (ties by name) take
-    the palette in order; when there are more labels than colours the rarest share ``other``."""
+    the palette in order (Okabe-Ito up to 8 labels, seaborn's 10-colour "colorblind" palette
+    above); when there are more labels than colours the rarest share a grey ``other``."""
     counts: dict[str, int] = {}
     for p in panels:
         if p.text_labels is None:
@@ -596,6 +602,8 @@ def label_colors(panels: Sequence[Panel], palette: Sequence[str] = OKABE_ITO) ->
         for lab in p.text_labels:
             counts[str(lab)] = counts.get(str(lab), 0) + 1
     order = sorted(counts, key=lambda k: (-counts[k], k))
+    if palette is None:
+        palette = OKABE_ITO if len(order) <= len(OKABE_ITO) else COLORBLIND10
     if len(order) <= len(palette):
         return {lab: palette[i] for i, lab in enumerate(order)}
     keep = len(palette) - 1

@@ -458,3 +458,18 @@ def test_umap_is_seeded_and_uses_exact_neighbours():
     b = gp.fit_2d(x, method="umap", seed=3, n_neighbors=6)
     assert a.shape == (80, 2) and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n_labels, distinct, other", [(5, 5, False), (10, 10, False), (12, 9, True)])
+def test_many_labels_get_distinct_colours_then_other(tmp_path, n_labels, distinct, other):
+    labels = [f"L{k:02d}" for k in range(n_labels) for _ in range(n_labels - k + 1)]
+    a = make_set(tmp_path / "a", labels, d=8)
+    r = gp.plot_umap([load_embeddings(a)], tmp_path / "m.png", method="pca", dpi=40)
+    colours = gp.label_colors(r.panels)
+    assert len(colours) == n_labels
+    named = {c for c in colours.values() if c != gp.OTHER_COLOR}
+    assert len(named) == distinct
+    texts = [t.get_text() for t in r.figure.legends[0].get_texts()]
+    assert ("other" in texts) == other
+    if other:  # the rarest labels are the ones grouped
+        assert colours["L11"] == colours["L10"] == gp.OTHER_COLOR and colours["L00"] != gp.OTHER_COLOR
