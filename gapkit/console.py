@@ -37,6 +37,8 @@ class _RateColumn(ProgressColumn):
 
     def render(self, task: Any) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.elapsed and task.completed:
+            speed = task.completed / task.elapsed  # a single update: the average rate
         unit = task.fields.get("unit", "it")
         if speed is None:
             return Text(f"? {unit}/s", style="progress.data.speed")
@@ -87,7 +89,7 @@ class RichReporter(Reporter):
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, highlight=False, markup=False)
+            self.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
