@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import GapkitError
+from .store import atomic_write_bytes
 from .progress import Reporter, ensure
 
 __all__ = [
@@ -654,13 +655,6 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in skip}
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _save_encoders(enc: Any, out: Path, spec: dict[str, Any]) -> None:
@@ -676,8 +670,8 @@ def _save_encoders(enc: Any, out: Path, spec: dict[str, Any]) -> None:
             t = t.clone()
         storages.add(ptr)
         state[k] = t.contiguous()
-    _atomic_bytes(out / ENCODERS_WEIGHTS, save(state, metadata={"format": "gapkit-encoders"}))
-    _atomic_bytes(out / ENCODERS_CONFIG, (json.dumps(spec, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(out / ENCODERS_WEIGHTS, save(state, metadata={"format": "gapkit-encoders"}))
+    atomic_write_bytes(out / ENCODERS_CONFIG, (json.dumps(spec, indent=2, default=str) + "\n").encode())
 
 
 def _write_embedded(path: Path, emb: _Embedded, info: dict[str, Any]) -> None:
@@ -889,7 +883,7 @@ def _run(
         split = {"train": [ds.records[int(i)].image_id for i in train_idx],
                  "val": [ds.records[int(i)].image_id for i in val_idx],
                  "val_fraction": config.val_fraction, "group_by": config.group_by, "seed": config.seed}
-        _atomic_bytes(out / SPLIT_FILE, (json.dumps(split) + "\n").encode())
+        atomic_write_bytes(out / SPLIT_FILE, (json.dumps(split) + "\n").encode())
 
     pixels = _Pixels(ds, enc.image_transform, workers)
     cached = pixels.fill_cache(list(map(int, train_idx)) + list(map(int, val_idx)), reporter, "training and validation")
@@ -1077,7 +1071,7 @@ def _run(
             "n_train_images": int(len(train_idx)),
             "n_val_images": int(len(val_idx)),
         }
-        _atomic_bytes(out / RESULT_FILE, (json.dumps(summary, indent=2, default=float) + "\n").encode())
+        atomic_write_bytes(out / RESULT_FILE, (json.dumps(summary, indent=2, default=float) + "\n").encode())
     dist_info.barrier()
     return summary
 

@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from .errors import GapkitError
 from .heads import Heads, build_heads, save_heads
 from .losses import GapLoss, parse_loss
 from .progress import Reporter, ensure
-from .store import EmbeddingSet, write_set
+from .store import EmbeddingSet, atomic_write_bytes, write_set
 
 __all__ = [
     "TrainConfig",
@@ -275,10 +275,9 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def truncate_metrics(run_dir: str | os.PathLike[str], last_epoch: int) -> None:
     """Keep only the rows with epoch <= ``last_epoch`` (used when resuming from a checkpoint)."""
     rows = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= last_epoch]
-    path = Path(run_dir) / METRICS_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(
+        Path(run_dir) / METRICS_FILE, "".join(json.dumps(r, default=float) + "\n" for r in rows).encode()
+    )
 
 
 def write_run_json(run_dir: str | os.PathLike[str], config: TrainConfig, **info: Any) -> None:
@@ -287,10 +286,7 @@ def write_run_json(run_dir: str | os.PathLike[str], config: TrainConfig, **info:
 
     doc = {"loss": "+".join(parse_loss(config.loss)), "config": config.to_dict(), "gapkit_version": __version__}
     doc.update(info)
-    path = Path(run_dir) / RUN_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(run_dir) / RUN_FILE, (json.dumps(doc, indent=2, default=str) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,14 +350,7 @@ def save_checkpoint(
     out["rng.torch"] = torch.get_rng_state()
     for k, v in (tensors or {}).items():
         out[f"extra.{k}"] = v.detach().cpu().contiguous()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    data = save(out, metadata={"gapkit": json.dumps(meta, default=float)})
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(path), save(out, metadata={"gapkit": json.dumps(meta, default=float)}))
 
 
 def load_checkpoint(
@@ -781,9 +770,7 @@ def train_heads(
         _write_projected(heads, val_set, va_im, va_tx, out / "val", out)
         after = validation_metrics(_project(heads, va_im, "images"), _project(heads, va_tx, "texts"), va_rows)
     result = FinetuneResult(out, before, after, before_label, best_epoch, epochs_run, stopped, read_metrics(out))
-    tmp = out / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    os.replace(tmp, out / RESULT_FILE)
+    atomic_write_bytes(out / RESULT_FILE, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
     return result
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import GapkitError
+from .store import atomic_write_bytes
 
 HEADS_FORMAT = "gapkit-heads"
 HEADS_VERSION = 1
@@ -147,13 +148,6 @@ def build_heads(
     return heads
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save_heads(heads: Heads, run_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
@@ -166,8 +160,8 @@ def save_heads(heads: Heads, run_dir: str | os.PathLike[str], extra: dict[str, A
     config = dict(heads.config)
     if extra:
         config.update(extra)
-    _atomic_write(run_dir / WEIGHTS_FILE, save(state, metadata={"format": HEADS_FORMAT}))
-    _atomic_write(run_dir / CONFIG_FILE, (json.dumps(config, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(run_dir / WEIGHTS_FILE, save(state, metadata={"format": HEADS_FORMAT}))
+    atomic_write_bytes(run_dir / CONFIG_FILE, (json.dumps(config, indent=2, default=str) + "\n").encode())
 
 
 def load_heads(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Heads:

@@ -650,7 +650,8 @@ def write_set(
     return path
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file, fsync, then rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -693,7 +694,7 @@ class ShardWriter:
                     path=self.path,
                 )
         else:
-            _atomic_write_bytes(plan_path, plan_text.encode())
+            atomic_write_bytes(plan_path, plan_text.encode())
 
     def shard_path(self, k: int) -> Path:
         return self.shard_dir / f"shard-{k:06d}.npz"
@@ -802,7 +803,7 @@ class ShardWriter:
         full = _base_info(n_im, n_tx, int(d_im), int(d_tx), dtype, extra)
         for name in ("images.npy", "texts.npy", "image_row.npy", "images.jsonl", "texts.jsonl"):
             os.replace(tmp / name, self.path / name)
-        _atomic_write_bytes(self.path / "info.json", (json.dumps(full, indent=2, default=str) + "\n").encode())
+        atomic_write_bytes(self.path / "info.json", (json.dumps(full, indent=2, default=str) + "\n").encode())
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(self.shard_dir, ignore_errors=True)
         return self.path
