@@ -38,6 +38,8 @@ done
 DEV=(); [ -n "$DEVICE" ] && DEV=(--device "$DEVICE")
 mkdir -p "$OUT"
 
+# the console script, or the module where the script is not on PATH yet (e.g. pyenv before a rehash)
+command -v gapkit > /dev/null || gapkit() { python -m gapkit "$@"; }
 step() { printf '\n== %s\n' "$*" >&2; }
 
 if [ -z "$TRAIN" ]; then
