@@ -33,10 +33,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
+from .datasets import to_rgb  # the one conversion of image modes, shared with the readers
 from .errors import GapkitError
 from .progress import Reporter, ensure
 
@@ -76,25 +76,6 @@ def pick_device(name: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """An RGB copy of ``img``: grayscale is replicated, 16-bit and float images are rescaled to
-    8 bits by their own range (not clipped), palette and alpha images are composited on white."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        return Image.fromarray(np.nan_to_num(scaled).round().astype(np.uint8), mode="L").convert("RGB")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, img).convert("RGB")
-    return img.convert("RGB")
 
 
 class RGBTransform:

@@ -167,18 +167,9 @@ class TrainConfig:
 def resolve_device(device: str | None = "auto") -> torch.device:
     """``auto``: CUDA when there is a GPU, then Apple's mps, then the CPU (as ``gapkit embed``);
     otherwise torch's spelling (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
-    if device in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise GapkitError(f"unknown device {device!r} ({err})") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GapkitError(f"device {device!r} asked for but no CUDA GPU is available")
-    return dev
+    from .encoders import pick_device
+
+    return pick_device(None if device in (None, "", "auto") else device)
 
 
 # --------------------------------------------------------------------------------------------
